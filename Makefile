@@ -40,6 +40,7 @@ lint: venv
 	$(BIN)/ansible-lint --profile production
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/vermin -t=3.9- --no-tips --violations files/ses_mailer.py
 
 pytest: deps
 	$(BIN)/pytest
