@@ -59,6 +59,10 @@ IMAGE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "openssh-server"
 # would run apt in the background while a role installs packages.
 MASKED_UNITS = ("apt-daily.timer", "apt-daily-upgrade.timer")
 DUMMY_KEY = "testing"
+# Endpoints pinned to loopback in every host's /etc/hosts (see etc_hosts()).
+AWS_DOMAIN = "amazonaws.com"
+AWS_REGIONAL_SERVICES = ("sts", "email", "ec2", "iam", "ssm")
+AWS_GLOBAL_SERVICES = ("sts", "iam")
 MAX_HOSTS = 39  # ssh ports base+11.. must stay below the IMDS ports base+51..
 BOOT_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
@@ -467,14 +471,26 @@ def make_root(host: Host, image: Path) -> None:
     host.mount = "copy"
 
 
+def etc_hosts(name: str, region: str) -> str:
+    """/etc/hosts for a host, sending the AWS endpoints the project uses to loopback.
+
+    A guard, not a route: boto3 older than 1.28 (Debian bookworm has 1.26) ignores
+    AWS_ENDPOINT_URL, and a client that forgets its endpoint would otherwise try
+    the real service.  With these entries it gets "connection refused" instead.
+    """
+    lines = ["127.0.0.1\tlocalhost", f"127.0.1.1\t{name}", "::1\tlocalhost ip6-localhost"]
+    names = [f"{service}.{region}.{AWS_DOMAIN}" for service in AWS_REGIONAL_SERVICES]
+    names += [f"{service}.{AWS_DOMAIN}" for service in AWS_GLOBAL_SERVICES]
+    lines += [f"127.0.0.1\t{endpoint}" for endpoint in names]
+    return "\n".join(lines) + "\n"
+
+
 def personalise_root(host: Host, settings: Settings, pubkey: str) -> None:
     """Write the host's identity into its throw-away root."""
     root = Path(host.root)
     (root / "etc" / "machine-id").write_text(uuid.uuid4().hex + "\n")
     (root / "etc" / "hostname").write_text(host.name + "\n")
-    (root / "etc" / "hosts").write_text(
-        f"127.0.0.1\tlocalhost\n127.0.1.1\t{host.name}\n::1\tlocalhost ip6-localhost\n"
-    )
+    (root / "etc" / "hosts").write_text(etc_hosts(host.name, settings.region))
     ssh_dir = root / "etc" / "ssh"
     key = ssh_dir / "ssh_host_ed25519_key"
     run(
@@ -608,7 +624,11 @@ def boot_host(host: Host, log: Path) -> None:
     # its payload/supervisor groups below the cgroup it starts in.
     script = 'while [ "$1" != -- ]; do echo $$ > "$1"; shift; done; shift; exec "$@"'
     cmd = ["/bin/sh", "-c", script, "sh", *map(str, cgroup_procs), "--", *nspawn]
-    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"}
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "LANG": "C.UTF-8",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     host.nspawn = start_daemon(cmd, log, env)
 
 
