@@ -125,11 +125,8 @@ def sent_messages(moto_url: str) -> list[dict[str, Any]]:
     url = f"{moto_url}/moto-api/data.json"
     with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (loopback, checked)
         data = json.load(response)
-    messages: list[dict[str, Any]] = []
-    for backend in data.get("ses", {}).values():
-        if isinstance(backend, list):
-            messages.extend(item for item in backend if isinstance(item, dict))
-    return messages
+    ses = data.get("ses", {})
+    return [*ses.get("RawMessage", []), *ses.get("Message", [])]
 
 
 def show_aws_side(lab: Mapping[str, Any]) -> None:
@@ -189,7 +186,8 @@ def show_host_side(lab: Mapping[str, Any], state: Path) -> None:
     probe = (
         f"runuser -u ses-mailer -- env -i {env} AWS_DEFAULT_REGION={lab['region']} "
         '/usr/bin/python3 -c "import boto3; s=boto3.Session(); '
-        "print(s.get_credentials().method, s.client('sts').get_caller_identity()['Arn'])\""
+        f"sts=s.client('sts', endpoint_url='{lab['moto_url']}'); "
+        "print(s.get_credentials().method, sts.get_caller_identity()['Arn'])\""
     )
     say(f"  credentials on {host['name']}, as the service user: {ssh(lab, host, key, probe)}")
     keys = ssh(
