@@ -47,14 +47,11 @@ from email.message import EmailMessage
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, cast
 
-import boto3
-import botocore.session
-from botocore import exceptions as bce
-from botocore.config import Config
-from botocore.utils import IMDSFetcher
-
 if TYPE_CHECKING:
     from mypy_boto3_sesv2 import SESV2Client
+
+# botocore is imported on first use (noqa: PLC0415 below): --check-config must stay
+# fast and must not depend on the SDK, and plain botocore starts faster than boto3.
 
 __version__ = "1.0.0"
 PROG = "ses-mailer"
@@ -624,26 +621,28 @@ def load_job(path: str) -> Job:
 # --------------------------------------------------------------------------
 
 
-class MetadataReader(IMDSFetcher):
-    """IMDSv2 reads through botocore's token flow.
-
-    botocore honours AWS_EC2_METADATA_SERVICE_ENDPOINT, AWS_EC2_METADATA_DISABLED
-    and the IMDSv1 switch here, exactly as for the instance role's credentials.
-    """
-
-    def read(self, url_path: str) -> str | None:
-        fetcher: Any = self  # botocore's token and request helpers are not in its stubs
-        try:
-            token = fetcher._fetch_metadata_token()
-            response = fetcher._get_request(url_path, None, token)
-        except (fetcher._RETRIES_EXCEEDED_ERROR_CLS, bce.BotoCoreError):
-            return None
-        value = str(response.text).strip()
-        return value or None
-
-
 def read_instance_metadata(path: str) -> str | None:
-    """Read one metadata path through IMDSv2, or None when unavailable."""
+    """Read one metadata path through IMDSv2, or None when unavailable.
+
+    botocore's fetcher honours AWS_EC2_METADATA_SERVICE_ENDPOINT,
+    AWS_EC2_METADATA_DISABLED and the IMDSv1 switch, exactly as it does for the
+    instance role's credentials.
+    """
+    import botocore.session  # noqa: PLC0415
+    from botocore import exceptions as bce  # noqa: PLC0415
+    from botocore.utils import IMDSFetcher  # noqa: PLC0415
+
+    class MetadataReader(IMDSFetcher):
+        def read(self, url_path: str) -> str | None:
+            fetcher: Any = self  # botocore's token and request helpers are not in its stubs
+            try:
+                token = fetcher._fetch_metadata_token()
+                response = fetcher._get_request(url_path, None, token)
+            except (fetcher._RETRIES_EXCEEDED_ERROR_CLS, bce.BotoCoreError):
+                return None
+            value = str(response.text).strip()
+            return value or None
+
     session = botocore.session.get_session()
     config = {
         key: session.get_config_variable(key)
@@ -666,6 +665,8 @@ def resolve_region(job: Job) -> str:
         if value:
             log.debug("region %s from %s", value, source)
             return value
+    import botocore.session  # noqa: PLC0415
+
     configured = botocore.session.get_session().get_config_variable("region")
     if isinstance(configured, str) and configured:
         log.debug("region %s from the AWS config file", configured)
@@ -1006,6 +1007,9 @@ def no_retry_on_daily_quota(response: Any = None, **_: Any) -> bool | None:
 
 def make_client(job: Job, region: str, service: str = "sesv2", pool: int = 10) -> Any:
     """A client with the job's retry mode and attempts, timeouts and the quota veto."""
+    import botocore.session  # noqa: PLC0415
+    from botocore.config import Config  # noqa: PLC0415
+
     mode = cast("Literal['standard', 'adaptive']", job.retry_mode)
     config = Config(
         retries={"mode": mode, "total_max_attempts": job.max_attempts},
@@ -1014,7 +1018,8 @@ def make_client(job: Job, region: str, service: str = "sesv2", pool: int = 10) -
         max_pool_connections=max(pool, 10),
         user_agent_extra=f"{PROG}/{__version__}",
     )
-    client = boto3.session.Session(region_name=region).client(service, config=config)  # type: ignore[call-overload]
+    session = botocore.session.get_session()
+    client: Any = session.create_client(service, region_name=region, config=config)
     client.meta.events.register_first(f"needs-retry.{service}", no_retry_on_daily_quota)
     return client
 
@@ -1039,10 +1044,12 @@ class Pacer:
 
 def account_send_rate(job: Job, region: str) -> float:
     """MaxSendRate from SES v2 GetAccount, else from SES GetSendQuota."""
+    from botocore.exceptions import ClientError  # noqa: PLC0415
+
     try:
         account = make_client(job, region).get_account()
         rate = float(account["SendQuota"]["MaxSendRate"])
-    except bce.ClientError as exc:
+    except ClientError as exc:
         log.debug("GetAccount failed (%s); asking GetSendQuota", exc)
         rate = float(make_client(job, region, "ses").get_send_quota()["MaxSendRate"])
     log.info("account sending rate: %g messages/s", rate)
@@ -1173,7 +1180,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             journal = Journal(args.state_dir, job)
             done = journal.resume(started)
         else:
-            log.warning("no state directory: a restarted run may send its messages again")
+            log.info("no state directory: a restarted run may send its messages again")
 
     values = {
         "job": job.name,
@@ -1279,6 +1286,9 @@ def explain(exc: BaseException, ctx: Context) -> MailerError:
         return exc
     if isinstance(exc, Terminated):
         return MailerError(f"terminated by {exc}", EX_TEMPFAIL)
+    bce: Any = sys.modules.get("botocore.exceptions")
+    if bce is None:  # botocore never loaded: not an SDK error
+        return MailerError(f"unexpected error: {exc!r} (rerun with --debug)", EX_SOFTWARE)
     region = ctx.region or "?"
     sender = ctx.job.sender.addr_spec if ctx.job else "?"
     profile_hint = (
