@@ -46,11 +46,24 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(_scratch.pop(), ignore_errors=True)
 
 
-@pytest.fixture(autouse=True)
-def _safety_guard_record() -> Iterator[None]:
-    """Fail the test if any guard refused something while it ran."""
-    safety.take_violations()
-    yield
+def _fail_on_refusals() -> None:
     refused = safety.take_violations()
     if refused:
         pytest.fail("safety guard refused during this test:\n" + "\n".join(refused), pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Fail the test itself when a guard refused something in its body."""
+    try:
+        return (yield)
+    finally:
+        _fail_on_refusals()
+
+
+@pytest.fixture(autouse=True)
+def _safety_guard_record() -> Iterator[None]:
+    """Forget earlier refusals; after teardown, fail on those fixtures caused."""
+    safety.take_violations()
+    yield
+    _fail_on_refusals()
