@@ -212,9 +212,8 @@ def show_mail(lab: Mapping[str, Any], before: int) -> bool:
         parsed = email.message_from_string(raw, policy=email.policy.default) if raw else None
         subject = str(parsed["Subject"]) if parsed else item.get("subject", "")
         sender = str(parsed["From"]) if parsed else item.get("source", "")
-        to = ", ".join(item.get("destinations", {}).get("ToAddresses", []) or []) or str(
-            parsed["To"] if parsed else ""
-        )
+        envelope = sorted(set(item.get("destinations") or []))
+        to = str(parsed["To"]) if parsed and parsed["To"] else ", ".join(envelope)
         say(f"  from:    {sender}")
         say(f"  to:      {to}")
         say(f"  subject: {subject}")
