@@ -243,9 +243,7 @@ def say(message: str) -> None:
 def run(cmd: list[str], *, what: str, timeout: float = 600, log: Path | None = None) -> str:
     """Run a command; on failure raise LabError naming ``what``."""
     try:
-        result = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, check=False
-        )
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise LabError(f"{what}: timed out after {timeout:.0f} s") from None
     if log is not None:
@@ -259,11 +257,19 @@ def run(cmd: list[str], *, what: str, timeout: float = 600, log: Path | None = N
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on ``path`` (created if needed)."""
+def file_lock(path: Path, waiting: str = "") -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (created if needed).
+
+    ``waiting`` is said when another process holds the lock.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                say(waiting)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -333,18 +339,19 @@ def wait_http(url: str, method: str, headers: dict[str, str], timeout: float, pr
         time.sleep(0.2)
 
 
-def stop_process(proc: Proc, timeout: float) -> None:
-    """SIGTERM, wait, then SIGKILL, but only if ``proc`` is still the same process."""
-    if not proc.alive():
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGTERM)
-    if wait_gone([proc], timeout):
-        return
-    if proc.alive():
+def stop_processes(procs: list[Proc], timeout: float) -> None:
+    """SIGTERM all, wait, then SIGKILL, but only processes that are still ours."""
+    live = [proc for proc in procs if proc.alive()]
+    for proc in live:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
-        wait_gone([proc], 5)
+            os.kill(proc.pid, signal.SIGTERM)
+    if wait_gone(live, timeout):
+        return
+    for proc in live:
+        if proc.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+    wait_gone(live, 5)
 
 
 def wait_gone(procs: list[Proc], timeout: float) -> bool:
@@ -375,7 +382,8 @@ def ensure_image(settings: Settings, suite: str) -> Path:
     if final.is_dir():
         return final
     images = final.parent
-    with file_lock(images / f".{suite}.lock"):
+    waiting = f"waiting for another lab to build the {suite} image"
+    with file_lock(images / f".{suite}.lock", waiting):
         if final.is_dir():
             return final
         for stale in images.glob(f".build-{suite}-*"):
@@ -669,7 +677,16 @@ def wait_running(host: Host, key: Path, timeout: float) -> str:
 
 def seed_moto(settings: Settings, lab: Lab, hosts: list[Host]) -> None:
     """Verified sender identity and one EC2 instance record per host."""
-    import boto3  # noqa: PLC0415  (slow import, only `up` needs it)
+    import botocore.exceptions  # noqa: PLC0415  (slow imports, only `up` needs them)
+
+    try:
+        seed_moto_calls(settings, lab, hosts)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise LabError(f"seeding moto at {settings.moto_url} failed: {exc}") from exc
+
+
+def seed_moto_calls(settings: Settings, lab: Lab, hosts: list[Host]) -> None:
+    import boto3  # noqa: PLC0415
 
     session = boto3.session.Session(
         aws_access_key_id=DUMMY_KEY,
@@ -845,7 +862,10 @@ def cmd_up(settings: Settings, count: int, suites: list[str]) -> int:
             )
     started = time.monotonic()
     wanted = [suites[(i - 1) % len(suites)] for i in range(1, count + 1)]
-    images = {suite: ensure_image(settings, suite) for suite in dict.fromkeys(wanted)}
+    suites_needed = list(dict.fromkeys(wanted))
+    with ThreadPoolExecutor(max_workers=max(1, len(suites_needed))) as pool:
+        built = pool.map(lambda suite: ensure_image(settings, suite), suites_needed)
+        images = dict(zip(suites_needed, built))
 
     settings.state.mkdir(parents=True, exist_ok=True)
     (settings.state / "hosts").mkdir(exist_ok=True)
@@ -869,8 +889,10 @@ def cmd_up(settings: Settings, count: int, suites: list[str]) -> int:
         say("start-up failed; stopping what was started")
         teardown(settings, lab)
         raise
-    say(f"lab is up in {time.monotonic() - started:.1f} s: {len(lab.hosts)} host(s), moto at "
-        f"{lab.moto_url}, inventory {settings.state / 'hosts.yml'}")
+    say(
+        f"lab is up in {time.monotonic() - started:.1f} s: {len(lab.hosts)} host(s), moto at "
+        f"{lab.moto_url}, inventory {settings.state / 'hosts.yml'}"
+    )
     return EX_OK
 
 
@@ -888,35 +910,40 @@ def bring_up(settings: Settings, lab: Lab, images: dict[str, Path], wanted: list
     key = settings.state / "id_ed25519"
     for old in (key, key.with_suffix(".pub")):
         old.unlink(missing_ok=True)
-    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ses-lab", "-f", str(key)],
-        what="lab ssh key")
+    run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ses-lab", "-f", str(key)],
+        what="lab ssh key",
+    )
     pubkey = key.with_suffix(".pub").read_text()
 
+    phases: dict[str, float] = {}
+    mark = time.monotonic()
     for index, suite in enumerate(wanted, start=1):
         host = host_layout(settings, index, suite)
         hdir = Path(host.dir)
         if hdir.exists():
-            shutil.rmtree(hdir)
+            remove_host(settings, host)  # left over from a crash: unmounts before removing
         hdir.mkdir(parents=True)
         lab.hosts.append(host)
+        lab.save(state_file)
         make_root(host, images[suite])
         lab.save(state_file)
         personalise_root(host, settings, pubkey)
         boot_host(host, host_log(host, "nspawn"))
         lab.save(state_file)
+    phases["roots"] = time.monotonic() - mark
+    mark = time.monotonic()
 
     wait_http(f"{settings.moto_url}/moto-api/", "GET", {}, MOTO_TIMEOUT, lab.moto)
     seed_moto(settings, lab, lab.hosts)
     lab.save(state_file)
-    if IMDS_SCRIPT.is_file():
-        for host in lab.hosts:
-            start_imds(settings, host)
-            lab.save(state_file)
-        for host in lab.hosts:
-            wait_imds(host)
-    elif lab.hosts:
-        print(f"lab: warning: {IMDS_SCRIPT} is missing; the hosts have no instance metadata",
-              file=sys.stderr)
+    for host in lab.hosts:
+        start_imds(settings, host)
+        lab.save(state_file)
+    for host in lab.hosts:
+        wait_imds(host)
+    phases["moto+imds"] = time.monotonic() - mark
+    mark = time.monotonic()
 
     with ThreadPoolExecutor(max_workers=max(1, len(lab.hosts))) as pool:
         states = list(pool.map(lambda h: wait_running(h, key, BOOT_TIMEOUT), lab.hosts))
@@ -924,13 +951,24 @@ def bring_up(settings: Settings, lab: Lab, images: dict[str, Path], wanted: list
         if state != "running":
             failed = subprocess.run(
                 ssh_cmd(host, key, "systemctl", "--failed", "--no-legend", "--plain"),
-                capture_output=True, text=True, timeout=30, check=False,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
             ).stdout.split()
             units = [word for word in failed if "." in word]
-            print(f"lab: warning: {host.name} is {state}; failed units: "
-                  f"{', '.join(units) or 'none listed'}", file=sys.stderr)
+            print(
+                f"lab: warning: {host.name} is {state}; failed units: "
+                f"{', '.join(units) or 'none listed'}",
+                file=sys.stderr,
+            )
+    phases["boot"] = time.monotonic() - mark
     write_inventory(settings, lab, key)
     lab.save(state_file)
+    say(
+        f"roots made and nspawn started in {phases['roots']:.1f} s, moto seeded and IMDS up"
+        f" in {phases['moto+imds']:.1f} s, systemd running in {phases['boot']:.1f} s more"
+    )
 
 
 def teardown(settings: Settings, lab: Lab) -> dict[str, float]:
@@ -946,8 +984,11 @@ def teardown(settings: Settings, lab: Lab) -> dict[str, float]:
     if not wait_gone([h.nspawn for h in booted if h.nspawn], STOP_TIMEOUT):
         for host in booted:
             if host.nspawn and host.nspawn.alive():
-                print(f"lab: warning: {host.name} did not power off in {STOP_TIMEOUT:.0f} s; "
-                      "killing it", file=sys.stderr)
+                print(
+                    f"lab: warning: {host.name} did not power off in {STOP_TIMEOUT:.0f} s; "
+                    "killing it",
+                    file=sys.stderr,
+                )
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(host.nspawn.pid, signal.SIGKILL)
         wait_gone([h.nspawn for h in booted if h.nspawn], 10)
@@ -957,11 +998,9 @@ def teardown(settings: Settings, lab: Lab) -> dict[str, float]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     timings["hosts"] = time.monotonic() - started
-    for host in lab.hosts:
-        if host.imds:
-            stop_process(host.imds, 5)
-    if lab.moto:
-        stop_process(lab.moto, 10)
+    services = [host.imds for host in lab.hosts if host.imds]
+    stop_processes([*services, *([lab.moto] if lab.moto else [])], 10)
+    timings["services"] = time.monotonic() - started - timings["hosts"]
     for host in lab.hosts:
         remove_host(settings, host)
     for name in ("hosts.yml", "id_ed25519", "id_ed25519.pub"):
@@ -1009,7 +1048,10 @@ def cmd_down(settings: Settings) -> int:
     timings = teardown(settings, lab)
     with contextlib.suppress(OSError):
         (settings.state / "hosts").rmdir()
-    say(f"lab is down in {timings['total']:.1f} s (hosts powered off in {timings['hosts']:.1f} s)")
+    say(
+        f"lab is down in {timings['total']:.1f} s (hosts powered off in {timings['hosts']:.1f} s,"
+        f" moto and IMDS stopped in {timings['services']:.1f} s)"
+    )
     return EX_OK
 
 
@@ -1020,13 +1062,17 @@ def cmd_status(settings: Settings) -> int:
         return EX_UNAVAILABLE
     lab = Lab.load(state_file)
     moto = "up" if lab.moto and lab.moto.alive() else "down"
-    print(f"state {lab.state}\nmoto {lab.moto_url} {moto} region {lab.region} "
-          f"account {lab.account_id} sender {lab.sender}")
+    print(
+        f"state {lab.state}\nmoto {lab.moto_url} {moto} region {lab.region} "
+        f"account {lab.account_id} sender {lab.sender}"
+    )
     for host in lab.hosts:
         booted = "up" if host.nspawn and host.nspawn.alive() else "down"
         imds = "up" if host.imds and host.imds.alive() else "down"
-        print(f"{host.name} {host.suite} ssh 127.0.0.1:{host.ssh_port} {booted} "
-              f"imds {host.imds_url} {imds} {host.instance_id}")
+        print(
+            f"{host.name} {host.suite} ssh 127.0.0.1:{host.ssh_port} {booted} "
+            f"imds {host.imds_url} {imds} {host.instance_id}"
+        )
     alive = all(p.alive() for _, p in lab.processes())
     return EX_OK if alive else EX_SOFTWARE
 
@@ -1091,6 +1137,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"labctl: error: {exc}", file=sys.stderr)
         return exc.status
+    except (OSError, subprocess.SubprocessError) as exc:
+        if args.debug:
+            raise
+        print(f"labctl: error: {exc} (--debug shows the traceback)", file=sys.stderr)
+        return EX_SOFTWARE
     except KeyboardInterrupt:
         print("labctl: interrupted", file=sys.stderr)
         return 130

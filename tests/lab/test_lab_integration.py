@@ -237,6 +237,16 @@ def test_inventory_matches_the_contract(lab: Lab) -> None:
         assert all(is_loopback_url(url) for url in entry["ses_mailer_environment"].values())
 
 
+def test_recorded_endpoints_are_loopback(lab: Lab) -> None:
+    urls = [lab.record["moto_url"], *(host["imds_url"] for host in lab.record["hosts"])]
+    assert urls == [
+        f"http://127.0.0.1:{LAB_PORT_BASE}",
+        f"http://127.0.0.1:{LAB_PORT_BASE + 51}/",
+        f"http://127.0.0.1:{LAB_PORT_BASE + 52}/",
+    ]
+    assert all(is_loopback_url(url) for url in urls)
+
+
 def test_env_prints_loopback_exports(lab: Lab) -> None:
     result = labctl(lab.env, "env", timeout=30)
     assert result.returncode == 0 and result.stderr == ""
