@@ -1,7 +1,8 @@
 """The lab end to end: boot real nspawn hosts, reach them by SSH, follow the role chain.
 
 These tests start a lab of their own (state dir under pytest's tmp, port base
-LAB_PORT_BASE) with ``lab/labctl.py`` as a subprocess and always take it down.
+picked among free ones from 26300 on) with ``lab/labctl.py`` as a subprocess and
+always take it down.
 They need root, systemd-nspawn and debootstrap (``make apt``); if the lab cannot
 boot they fail, they are never skipped.
 """
@@ -29,8 +30,7 @@ from tests.safety import DUMMY_KEY, is_loopback_url, loopback_env
 
 REPO = Path(__file__).resolve().parents[2]
 LABCTL = [sys.executable, str(REPO / "lab" / "labctl.py")]
-LAB_PORT_BASE = 26300  # the default lab uses 24100; keep clear of it
-SMALL_PORT_BASE = 26400
+FIRST_PORT_BASE = 26300  # the default lab uses 24100; keep clear of it
 UP_TIMEOUT = 1500  # a first run builds both images (about a minute each)
 DOWN_TIMEOUT = 120
 APT_TIMEOUT = 600
@@ -52,6 +52,7 @@ class Lab:
     state: Path
     env: dict[str, str]
     record: dict[str, Any]
+    port_base: int
 
     @property
     def key(self) -> Path:
@@ -94,6 +95,26 @@ def ansible_inventory(path: Path) -> dict[str, Any]:
     assert result.returncode == 0, result.stderr
     data: dict[str, Any] = json.loads(result.stdout)
     return data
+
+
+def port_taken(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port_base(hosts: int) -> int:
+    """A port base whose moto, ssh and IMDS ports are all free (other labs may run)."""
+    for base in range(FIRST_PORT_BASE, 30000, 100):
+        ports = [base, *(base + 10 + i for i in range(1, hosts + 1))]
+        ports += [base + 50 + i for i in range(1, hosts + 1)]
+        if not any(port_taken(port) for port in ports):
+            return base
+    raise AssertionError("no free port base between 26300 and 30000")
 
 
 def lab_env(state: Path, port_base: int) -> dict[str, str]:
@@ -150,7 +171,8 @@ def assert_nothing_left(state: Path, record: dict[str, Any]) -> None:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     state = tmp_path_factory.mktemp("lab") / "state"
-    env = lab_env(state, LAB_PORT_BASE)
+    port_base = free_port_base(2)
+    env = lab_env(state, port_base)
     started = time.monotonic()
     up = labctl(env, "up", "--hosts", "2", timeout=UP_TIMEOUT)
     record: dict[str, Any] = {}
@@ -158,7 +180,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         assert up.returncode == 0, f"lab up failed ({up.returncode}): {up.stderr}"
         print(f"lab up took {time.monotonic() - started:.1f} s")
         record = json.loads((state / "lab.json").read_text())
-        yield Lab(state, env, record)
+        yield Lab(state, env, record, port_base)
     finally:
         down = labctl(env, "down", timeout=DOWN_TIMEOUT)
         assert down.returncode == 0, f"lab down failed: {down.stderr}"
@@ -222,17 +244,17 @@ def test_inventory_matches_the_contract(lab: Lab) -> None:
     for host in lab.record["hosts"]:
         index = host["index"]
         entry = inventory["_meta"]["hostvars"][host["name"]]
-        assert entry["ses_aws_endpoint_url"] == f"http://127.0.0.1:{LAB_PORT_BASE}"
+        assert entry["ses_aws_endpoint_url"] == f"http://127.0.0.1:{lab.port_base}"
         assert entry["ses_aws_region"] == "us-east-1"
         assert entry["ses_lab_sender"] == "mailer@example.com"
         assert entry["ansible_host"] == "127.0.0.1"
-        assert entry["ansible_port"] == host["ssh_port"] == LAB_PORT_BASE + 10 + index
+        assert entry["ansible_port"] == host["ssh_port"] == lab.port_base + 10 + index
         assert entry["ansible_user"] == "root"
         assert entry["ansible_ssh_private_key_file"] == str(lab.key)
         assert entry["instance_id"] == host["instance_id"]
         assert entry["ses_mailer_environment"] == {
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{LAB_PORT_BASE}",
-            "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://127.0.0.1:{LAB_PORT_BASE + 50 + index}/",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{lab.port_base}",
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://127.0.0.1:{lab.port_base + 50 + index}/",
         }
         assert all(is_loopback_url(url) for url in entry["ses_mailer_environment"].values())
 
@@ -240,9 +262,9 @@ def test_inventory_matches_the_contract(lab: Lab) -> None:
 def test_recorded_endpoints_are_loopback(lab: Lab) -> None:
     urls = [lab.record["moto_url"], *(host["imds_url"] for host in lab.record["hosts"])]
     assert urls == [
-        f"http://127.0.0.1:{LAB_PORT_BASE}",
-        f"http://127.0.0.1:{LAB_PORT_BASE + 51}/",
-        f"http://127.0.0.1:{LAB_PORT_BASE + 52}/",
+        f"http://127.0.0.1:{lab.port_base}",
+        f"http://127.0.0.1:{lab.port_base + 51}/",
+        f"http://127.0.0.1:{lab.port_base + 52}/",
     ]
     assert all(is_loopback_url(url) for url in urls)
 
@@ -252,7 +274,7 @@ def test_env_prints_loopback_exports(lab: Lab) -> None:
     assert result.returncode == 0 and result.stderr == ""
     lines = result.stdout.splitlines()
     exports = dict(line.removeprefix("export ").split("=", 1) for line in lines)
-    assert exports["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{LAB_PORT_BASE}"
+    assert exports["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{lab.port_base}"
     assert exports["AWS_EC2_METADATA_DISABLED"] == "true"
     assert exports["AWS_ACCESS_KEY_ID"] == exports["AWS_SECRET_ACCESS_KEY"] == "testing"
     assert exports["AWS_DEFAULT_REGION"] == "us-east-1"
@@ -337,15 +359,16 @@ def imds_roles(imds_url: str) -> list[str]:
 
 def test_moto_only_lab_and_port_in_use(tmp_path: Path) -> None:
     state = tmp_path / "small"
-    env = lab_env(state, SMALL_PORT_BASE)
+    small_base = free_port_base(0)
+    env = lab_env(state, small_base)
     with socket.socket() as blocker:
         blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        blocker.bind(("127.0.0.1", SMALL_PORT_BASE))
+        blocker.bind(("127.0.0.1", small_base))
         blocker.listen(1)
         refused = labctl(env, "up", "--hosts", "0", timeout=60)
     assert refused.returncode == 69
     assert refused.stderr.splitlines() == [
-        f"labctl: error: port 127.0.0.1:{SMALL_PORT_BASE} is in use; "
+        f"labctl: error: port 127.0.0.1:{small_base} is in use; "
         "stop its user or set SES_LAB_PORT_BASE"
     ]
     assert not (state / "lab.json").exists()
