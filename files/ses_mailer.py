@@ -907,9 +907,12 @@ class Journal:
             log.warning("unfinished journal %s set aside (%s); starting afresh", self.path, reason)
             self._set_aside(".stale")
             return set()
-        sent = {str(r["key"]) for r in records if r.get("event") == "sent"}
-        tried = {str(r["key"]) for r in records if r.get("event") == "try"}
-        for key in sorted(tried - sent):
+        last: dict[str, str] = {}
+        for record in records:
+            if record.get("event") in ("try", "sent", "refused"):
+                last[str(record.get("key"))] = str(record["event"])
+        sent = {key for key, event in last.items() if event == "sent"}
+        for key in sorted(key for key, event in last.items() if event == "try"):
             log.warning(
                 "message %s was being sent when the previous run stopped; sending it again "
                 "(it may arrive twice)",
@@ -964,6 +967,9 @@ class Journal:
 
     def tried(self, key: str) -> None:
         self._write({"event": "try", "key": key, "at": time.time()})
+
+    def refused(self, key: str) -> None:
+        self._write({"event": "refused", "key": key, "at": time.time()})
 
     def sent(self, key: str, message_id: str) -> None:
         self._write({"event": "sent", "key": key, "message_id": message_id, "at": time.time()})
@@ -1078,6 +1084,8 @@ def send_all(
     ctx: Context,
 ) -> None:
     """Send the planned messages, paced and concurrent in per-recipient mode."""
+    from botocore.exceptions import ClientError  # noqa: PLC0415
+
     concurrency = 1
     pacer: Pacer | None = None
     if job.per_recipient is not None:
@@ -1125,7 +1133,13 @@ def send_all(
             request["EmailTags"] = [{"Name": k, "Value": v} for k, v in job.tags]
         if journal is not None:
             journal.tried(item.key)
-        response = client.send_email(**request)
+        try:
+            response = client.send_email(**request)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+            if journal is not None and status < 500:  # a definite no: not ambiguous later
+                journal.refused(item.key)
+            raise
         message_id = response["MessageId"]
         if journal is not None:
             journal.sent(item.key, message_id)

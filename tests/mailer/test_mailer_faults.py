@@ -82,7 +82,14 @@ def test_throttling_after_all_attempts_is_tempfail(
 )
 @pytest.mark.parametrize("mode", ["standard", "adaptive"])
 def test_daily_quota_is_never_retried(
-    tmp_path: Path, home: Path, fault: FaultServer, status: int, code: str, message: str, mode: str
+    tmp_path: Path,
+    home: Path,
+    fault: FaultServer,
+    *,
+    status: int,
+    code: str,
+    message: str,
+    mode: str,
 ) -> None:
     """Exactly one HTTP attempt, although botocore would retry these codes."""
     fault.then(default=Reply(status, code, message))
