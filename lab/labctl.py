@@ -66,8 +66,8 @@ AWS_GLOBAL_SERVICES = ("sts", "iam")
 MAX_HOSTS = 39  # ssh ports base+11.. must stay below the IMDS ports base+51..
 BOOT_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
-MOTO_TIMEOUT = 30.0
-IMDS_TIMEOUT = 15.0
+MOTO_TIMEOUT = 60.0
+IMDS_TIMEOUT = 60.0
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # Hierarchies a host gets its own cgroup in: name=systemd and the unified one so
 # that concurrent containers do not share nspawn's payload/supervisor groups,
