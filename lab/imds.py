@@ -160,6 +160,7 @@ class Moto:
             retries={"max_attempts": 2, "mode": "standard"},
             connect_timeout=5,
             read_timeout=15,
+            proxies={},  # never a proxy from the environment: moto directly
         )
         self._ec2 = session.client("ec2", endpoint_url=moto_url, config=config)
         self._iam = session.client("iam", endpoint_url=moto_url, config=config)

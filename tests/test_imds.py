@@ -278,6 +278,27 @@ def test_other_methods_are_405(aws: Aws, start_imds: StartImds) -> None:
     assert request(url, "PUT", "/latest/meta-data/instance-id").status == 405
 
 
+def test_moto_is_reached_directly_even_with_a_proxy_in_the_environment(
+    aws: Aws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as trap:
+        trap.settimeout(0.5)
+        proxy = f"http://127.0.0.1:{trap.getsockname()[1]}"
+        for variable in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+            monkeypatch.setenv(variable, proxy)
+        for variable in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(variable, raising=False)
+        instance_id = aws.run_instance()
+        server = imds.make_server(instance_id, aws.url, REGION).start()
+        try:
+            reply = get(server.url, "/latest/meta-data/instance-id")
+        finally:
+            server.stop()
+        assert (reply.status, reply.body) == (200, instance_id)
+        with pytest.raises(socket.timeout):
+            trap.accept()
+
+
 # --- paths -------------------------------------------------------------------
 
 
