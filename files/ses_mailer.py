@@ -1092,7 +1092,9 @@ def send_all(
         rate = job.per_recipient.max_rate
         if job.per_recipient.rate_from_quota:
             ctx.action = "ses:GetAccount"
-            rate = min(rate, account_send_rate(job, region))
+            quota_rate = account_send_rate(job, region)
+            if quota_rate > 0:
+                rate = min(rate, quota_rate)
         pacer = Pacer(rate)
         concurrency = min(job.per_recipient.concurrency, len(items)) or 1
         log.info(
@@ -1228,7 +1230,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                 job.command.send_when,
             )
             if journal is not None:
-                journal.close()
+                journal.finish()
             return EX_OK
         extra = {
             "command": shlex.join(job.command.argv),
