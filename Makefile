@@ -9,6 +9,8 @@ APT_PKGS    := systemd-container debootstrap openssh-client iproute2 rsync
 # Every process started from here talks to loopback only.
 export AWS_EC2_METADATA_DISABLED := true
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+# molecule and ansible-lint call ansible-* by name: the venv comes first.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: help deps apt venv lint pytest molecule test demo lab-up lab-down bench
 
