@@ -1000,15 +1000,22 @@ def is_daily_quota(code: str, message: str) -> bool:
     return code in THROTTLING_CODES | {"MessageRejected"} and bool(DAILY_QUOTA_RE.search(message))
 
 
-def no_retry_on_daily_quota(response: Any = None, **_: Any) -> bool | None:
-    """``needs-retry`` handler run before botocore's: False vetoes any retry."""
+def no_retry_on_daily_quota(response: Any = None, operation: Any = None, **_: Any) -> None:
+    """``needs-retry`` handler run before botocore's retry handler.
+
+    A daily-quota answer ends the call at once by raising it as the ClientError
+    botocore would raise after its retries. (Returning False would veto the retry
+    only on botocore >= 1.31; older versions sleep(False) and retry forever.)
+    """
     if response is None:
-        return None
-    error = response[1].get("Error", {}) if isinstance(response[1], dict) else {}
+        return
+    parsed = response[1]
+    error = parsed.get("Error", {}) if isinstance(parsed, dict) else {}
     if is_daily_quota(str(error.get("Code", "")), str(error.get("Message", ""))):
+        from botocore.exceptions import ClientError  # noqa: PLC0415
+
         log.debug("daily quota error: not retried")
-        return False
-    return None
+        raise ClientError(parsed, getattr(operation, "name", "SendEmail"))
 
 
 def make_client(job: Job, region: str, service: str = "sesv2", pool: int = 10) -> Any:
@@ -1024,8 +1031,14 @@ def make_client(job: Job, region: str, service: str = "sesv2", pool: int = 10) -
         max_pool_connections=max(pool, 10),
         user_agent_extra=f"{PROG}/{__version__}",
     )
+    # botocore reads these itself only from 1.31 on; Debian 12 ships 1.29.
+    endpoint = os.environ.get(f"AWS_ENDPOINT_URL_{service.upper()}") or os.environ.get(
+        "AWS_ENDPOINT_URL"
+    )
     session = botocore.session.get_session()
-    client: Any = session.create_client(service, region_name=region, config=config)
+    client: Any = session.create_client(
+        service, region_name=region, config=config, endpoint_url=endpoint or None
+    )
     client.meta.events.register_first(f"needs-retry.{service}", no_retry_on_daily_quota)
     return client
 

@@ -32,6 +32,14 @@ REGION = "us-east-1"
 SENDER = "ops@example.com"
 
 
+# The interpreter that runs the program: the venv's by default. To check the
+# program against a distribution's python3-boto3 (Debian 12 ships botocore 1.29),
+# set SES_MAILER_TEST_PYTHON=/usr/bin/python3 and, for an unpacked package tree,
+# SES_MAILER_TEST_PYTHONPATH=<dir>/usr/lib/python3/dist-packages.
+PYTHON = os.environ.get("SES_MAILER_TEST_PYTHON", sys.executable)
+PYTHONPATH = os.environ.get("SES_MAILER_TEST_PYTHONPATH", "")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -75,6 +83,8 @@ def mailer_env(
     **extra: str,
 ) -> dict[str, str]:
     """A loopback-only child environment (tests/safety.py checks it)."""
+    if PYTHONPATH:
+        extra.setdefault("PYTHONPATH", PYTHONPATH)
     return loopback_env(
         endpoint,
         imds_url,
@@ -93,7 +103,7 @@ def run_mailer(
     stderr_file: Path | None = None,
 ) -> Result:
     """Run files/ses_mailer.py as operators do: a subprocess with its own environment."""
-    command = [sys.executable, str(MAILER), "--job", str(job), *args]
+    command = [PYTHON, str(MAILER), "--job", str(job), *args]
     started = time.monotonic()
     if stderr_file is None:
         proc = subprocess.run(command, env=env, capture_output=True, timeout=timeout, check=False)
@@ -109,7 +119,7 @@ def run_mailer(
 
 def start_mailer(job: Path, *args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, str(MAILER), "--job", str(job), *args],
+        [PYTHON, str(MAILER), "--job", str(job), *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
