@@ -1272,7 +1272,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             if len(items) > 1:
                 out.write(f"--- {PROG} dry run: message {index} of {len(items)} ---\r\n".encode())
             out.write(build_message(job, item, attachments, date))
-        out.flush()
+            out.flush()
         log.info("dry run: %d message(s) not sent", len(items))
         return EX_OK
 

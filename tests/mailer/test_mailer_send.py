@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import email.header
+import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ from tests.mailer.mailerlab import (
     envelope,
     mailer_env,
     run_mailer,
+    start_mailer,
     write_job,
 )
 
@@ -489,3 +492,28 @@ def test_command_output_is_html_escaped(tmp_path: Path, home: Path, moto: Moto) 
     part = sent.message.get_body(preferencelist=("html",))
     assert part is not None
     assert part.get_content().replace("\r\n", "\n") == "<pre>&lt;b&gt;&amp;\n</pre>\n"
+
+
+def test_sigterm_kills_the_command_and_exits_75(tmp_path: Path, home: Path, moto: Moto) -> None:
+    """systemd stops a run (TimeoutStartSec, systemctl stop): the command goes too."""
+    moto.verify()
+    pidfile = tmp_path / "pid"
+    path = write_job(
+        tmp_path,
+        job(text=None, command={"argv": ["/bin/sh", "-c", f"echo $$ > {pidfile}; exec sleep 30"]}),
+    )
+    process = start_mailer(path, "--quiet", env=mailer_env(moto.url, home))
+    deadline = time.monotonic() + 20
+    while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=20)
+    assert (process.returncode, stdout, stderr.decode()) == (
+        75,
+        b"",
+        "error: terminated by SIGTERM\n",
+    )
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+    assert moto.sent_anywhere() == 0
