@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -19,6 +22,7 @@ from tests.safety import loopback_env
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_PLAYBOOK = REPO / ".venv" / "bin" / "ansible-playbook"
+MOTO_SERVER = REPO / ".venv" / "bin" / "moto_server"
 REGION = "us-east-1"
 SENDER = "mailer@example.com"
 
@@ -236,3 +240,51 @@ class AwsLab:
             IamInstanceProfile={"Arn": arn}, InstanceId=instance_id
         )
         return role, arn, own
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@contextmanager
+def moto_process(workdir: Path) -> Iterator[str]:
+    """A moto_server of its own on loopback (separate state, runs beside the others)."""
+    port = _free_port()
+    with (workdir / "moto.log").open("w") as log:
+        process = subprocess.Popen(
+            [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
+            env=loopback_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto_server on port {port} did not start: see {workdir}")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=20)
+
+
+@contextmanager
+def aws_lab(prefix: str, workdir: Path) -> Iterator[AwsLab]:
+    """moto of its own, the recording proxy in front of it, names from ``prefix``."""
+    with moto_process(workdir) as moto_url:
+        proxy = AwsProxy(moto_url).start()
+        try:
+            yield AwsLab(moto_url=moto_url, proxy=proxy, prefix=prefix, workdir=workdir)
+        finally:
+            proxy.stop()

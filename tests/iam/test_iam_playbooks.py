@@ -2,15 +2,26 @@
 
 Covers C01-C04 of ../shared/cases/README.md, check mode on an empty account,
 idempotence without mutating calls, preflight failures and the teardown order.
+
+Each scenario gets a moto process and a proxy of its own, so the scenarios of
+the selected tests run side by side (SES_TEST_IAM_WORKERS at a time, default 3)
+in a module fixture; each test then reports its own scenario's outcome, with
+the assertion that failed.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
+
 from lab.awsproxy import Fault
-from tests.iam.iamlab import REGION, SENDER, AwsLab, policy_plugin
+from tests.iam.iamlab import REGION, SENDER, AwsLab, aws_lab, policy_plugin
 
 ses_iam_send_policy = policy_plugin().ses_iam_send_policy
 
@@ -20,11 +31,51 @@ PROPAGATION = (
 )
 
 
+SCENARIOS: dict[str, Callable[[AwsLab], None]] = {}
+Outcomes = dict[str, "BaseException | None"]
+
+
+def scenario(function: Callable[[AwsLab], None]) -> Callable[[AwsLab], None]:
+    """Register a scenario; the test named test_<scenario> reports its outcome."""
+    SCENARIOS[function.__name__] = function
+    return function
+
+
+@pytest.fixture(scope="module")
+def outcomes(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Outcomes:
+    wanted = sorted(
+        item.name.removeprefix("test_")
+        for item in request.session.items
+        if isinstance(item, pytest.Function)
+        and item.module is request.module
+        and item.name.removeprefix("test_") in SCENARIOS
+    )
+
+    def run(name: str) -> None:
+        prefix = "t-" + re.sub(r"[^a-z0-9]+", "-", name.lower())[:30].strip("-")
+        with aws_lab(prefix, tmp_path_factory.mktemp(name[:20])) as lab:
+            SCENARIOS[name](lab)
+
+    workers = max(1, int(os.environ.get("SES_TEST_IAM_WORKERS", "3")))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {name: pool.submit(run, name) for name in wanted}
+    return {name: future.exception() for name, future in futures.items()}
+
+
+def _report(outcomes: Outcomes, name: str) -> None:
+    error = outcomes[name]
+    if error is not None:
+        raise error
+
+
 def _assert_no_mutation(run_calls: list[str]) -> None:
     assert run_calls == [], f"an unchanged run made mutating calls: {run_calls}"
 
 
-def test_check_real_check_real_then_teardown_in_aws_order(lab: AwsLab) -> None:
+@scenario
+def check_real_check_real_then_teardown_in_aws_order(lab: AwsLab) -> None:
     """The amazon.aws order: check, info shows nothing, real, check again, real again."""
     lab.verify_sender()
     instances = lab.make_instances(2)
@@ -94,7 +145,8 @@ def test_check_real_check_real_then_teardown_in_aws_order(lab: AwsLab) -> None:
     _assert_no_mutation(again.mutating())
 
 
-def test_c04_same_policy_with_keys_in_another_order_is_unchanged(lab: AwsLab) -> None:
+@scenario
+def c04_same_policy_with_keys_in_another_order_is_unchanged(lab: AwsLab) -> None:
     lab.verify_sender()
     extra = {"ses_iam_sender_domains": ["example.org"], "ses_iam_recipient_patterns":
              ["*@example.com", "ops@example.net"], "ses_iam_quota_pacing": True,
@@ -125,7 +177,8 @@ def test_c04_same_policy_with_keys_in_another_order_is_unchanged(lab: AwsLab) ->
     assert len(versions) == 1
 
 
-def test_c01_propagation_error_is_retried_then_succeeds(lab: AwsLab) -> None:
+@scenario
+def c01_propagation_error_is_retried_then_succeeds(lab: AwsLab) -> None:
     lab.verify_sender()
     [instance] = lab.make_instances()
     message = PROPAGATION.format(arn=lab.profile_arn())
@@ -140,7 +193,8 @@ def test_c01_propagation_error_is_retried_then_succeeds(lab: AwsLab) -> None:
     assert lab.associations([instance]) == {instance: lab.profile_arn()}
 
 
-def test_c01_propagation_error_forever_fails_within_the_bound(lab: AwsLab) -> None:
+@scenario
+def c01_propagation_error_forever_fails_within_the_bound(lab: AwsLab) -> None:
     lab.verify_sender()
     lab.make_instances()
     message = PROPAGATION.format(arn=lab.profile_arn())
@@ -155,7 +209,8 @@ def test_c01_propagation_error_forever_fails_within_the_bound(lab: AwsLab) -> No
     assert run.seconds < 60
 
 
-def test_c01_other_errors_are_not_retried(lab: AwsLab) -> None:
+@scenario
+def c01_other_errors_are_not_retried(lab: AwsLab) -> None:
     lab.verify_sender()
     lab.make_instances()
     lab.proxy.set_faults([Fault("AssociateIamInstanceProfile", "UnauthorizedOperation",
@@ -167,7 +222,8 @@ def test_c01_other_errors_are_not_retried(lab: AwsLab) -> None:
     assert "UnauthorizedOperation" in run.stdout
 
 
-def test_c02_extend_keeps_the_legacy_profile_and_adds_our_policy(lab: AwsLab) -> None:
+@scenario
+def c02_extend_keeps_the_legacy_profile_and_adds_our_policy(lab: AwsLab) -> None:
     lab.verify_sender()
     [instance] = lab.make_instances()
     legacy_role, legacy_arn, legacy_own = lab.make_legacy(instance)
@@ -197,7 +253,8 @@ def test_c02_extend_keeps_the_legacy_profile_and_adds_our_policy(lab: AwsLab) ->
     }
 
 
-def test_c02_replace_swaps_the_association(lab: AwsLab) -> None:
+@scenario
+def c02_replace_swaps_the_association(lab: AwsLab) -> None:
     lab.verify_sender()
     [instance] = lab.make_instances()
     legacy_role, legacy_arn, legacy_own = lab.make_legacy(instance)
@@ -223,7 +280,8 @@ def test_c02_replace_swaps_the_association(lab: AwsLab) -> None:
     assert lab.associations([instance]) == {instance: lab.profile_arn()}
 
 
-def test_c03_existing_profile_with_the_role_name_is_reused(lab: AwsLab) -> None:
+@scenario
+def c03_existing_profile_with_the_role_name_is_reused(lab: AwsLab) -> None:
     lab.verify_sender()
     [instance] = lab.make_instances()
     iam = lab.client("iam")
@@ -240,7 +298,8 @@ def test_c03_existing_profile_with_the_role_name_is_reused(lab: AwsLab) -> None:
     _assert_no_mutation(second.mutating())
 
 
-def test_bad_values_fail_before_any_aws_call(lab: AwsLab) -> None:
+@scenario
+def bad_values_fail_before_any_aws_call(lab: AwsLab) -> None:
     cases: list[tuple[dict[str, Any], str]] = [
         ({"ses_iam_sender_addresses": ["*@example.com"]}, "ses_iam_sender_addresses: not plain"),
         ({"ses_iam_path": "mail"}, "ses_iam_path: must start and end with '/'"),
@@ -257,14 +316,16 @@ def test_bad_values_fail_before_any_aws_call(lab: AwsLab) -> None:
         assert run.calls == [], f"{extra} reached AWS: {run.actions()}"
 
 
-def test_unverified_sender_fails_before_iam_changes(lab: AwsLab) -> None:
+@scenario
+def unverified_sender_fails_before_iam_changes(lab: AwsLab) -> None:
     run = lab.playbook("aws.yml", {"ses_iam_sender_addresses": [f"nobody@{lab.prefix}.example"]})
     assert run.rc == 2, run.explain()
     assert (f"not verified in {REGION}: nobody@{lab.prefix}.example") in run.stdout
     assert run.mutating() == []
 
 
-def test_sandbox_is_reported_once_and_plainly(lab: AwsLab) -> None:
+@scenario
+def sandbox_is_reported_once_and_plainly(lab: AwsLab) -> None:
     lab.verify_sender()
     run = lab.playbook("aws.yml", {"ses_iam_sandbox": "sandbox"}, check=True, tags="iam")
     assert run.rc == 0, run.explain()
@@ -273,3 +334,78 @@ def test_sandbox_is_reported_once_and_plainly(lab: AwsLab) -> None:
     assert " ".join(run.stdout.split()).count(line) == 1, run.explain()
     auto = lab.playbook("aws.yml", {"ses_iam_sandbox": "auto"}, check=True, tags="iam")
     assert "SES sandbox state in us-east-1 could not be read" in " ".join(auto.stdout.split())
+
+
+@scenario
+def identities_are_created_when_asked(lab: AwsLab) -> None:
+    domain = f"{lab.prefix}.example"
+    extra = {"ses_iam_sender_addresses": [], "ses_iam_sender_domains": [domain],
+             "ses_iam_identities_create": True}
+    sesv2 = lab.client("sesv2")
+
+    def exists() -> bool:
+        names = [i["IdentityName"] for i in sesv2.list_email_identities()["EmailIdentities"]]
+        return domain in names
+
+    check = lab.playbook("aws.yml", extra, check=True, tags="iam")
+    assert check.rc == 0, check.explain()
+    assert check.mutating() == []
+    assert not exists()
+    first = lab.playbook("aws.yml", extra, tags="iam")
+    assert first.rc == 0, first.explain()
+    assert "POST /v2/email/identities" in first.mutating()
+    assert exists()
+    again = lab.playbook("aws.yml", extra, tags="iam")
+    assert again.changed == 0, again.explain()
+    _assert_no_mutation(again.mutating())
+
+
+# --- one test per scenario ---------------------------------------------------
+
+
+def test_check_real_check_real_then_teardown_in_aws_order(outcomes: Outcomes) -> None:
+    _report(outcomes, "check_real_check_real_then_teardown_in_aws_order")
+
+
+def test_c04_same_policy_with_keys_in_another_order_is_unchanged(outcomes: Outcomes) -> None:
+    _report(outcomes, "c04_same_policy_with_keys_in_another_order_is_unchanged")
+
+
+def test_c01_propagation_error_is_retried_then_succeeds(outcomes: Outcomes) -> None:
+    _report(outcomes, "c01_propagation_error_is_retried_then_succeeds")
+
+
+def test_c01_propagation_error_forever_fails_within_the_bound(outcomes: Outcomes) -> None:
+    _report(outcomes, "c01_propagation_error_forever_fails_within_the_bound")
+
+
+def test_c01_other_errors_are_not_retried(outcomes: Outcomes) -> None:
+    _report(outcomes, "c01_other_errors_are_not_retried")
+
+
+def test_c02_extend_keeps_the_legacy_profile_and_adds_our_policy(outcomes: Outcomes) -> None:
+    _report(outcomes, "c02_extend_keeps_the_legacy_profile_and_adds_our_policy")
+
+
+def test_c02_replace_swaps_the_association(outcomes: Outcomes) -> None:
+    _report(outcomes, "c02_replace_swaps_the_association")
+
+
+def test_c03_existing_profile_with_the_role_name_is_reused(outcomes: Outcomes) -> None:
+    _report(outcomes, "c03_existing_profile_with_the_role_name_is_reused")
+
+
+def test_bad_values_fail_before_any_aws_call(outcomes: Outcomes) -> None:
+    _report(outcomes, "bad_values_fail_before_any_aws_call")
+
+
+def test_unverified_sender_fails_before_iam_changes(outcomes: Outcomes) -> None:
+    _report(outcomes, "unverified_sender_fails_before_iam_changes")
+
+
+def test_sandbox_is_reported_once_and_plainly(outcomes: Outcomes) -> None:
+    _report(outcomes, "sandbox_is_reported_once_and_plainly")
+
+
+def test_identities_are_created_when_asked(outcomes: Outcomes) -> None:
+    _report(outcomes, "identities_are_created_when_asked")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml  # type: ignore[import-untyped]
+import yaml
 
 from tests.iam.iamlab import REPO, policy_plugin
 from tests.safety import loopback_env
