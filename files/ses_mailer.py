@@ -1349,7 +1349,7 @@ def explain(exc: BaseException, ctx: Context) -> MailerError:
 def explain_client_error(exc: Any, ctx: Context, region: str, sender: str) -> MailerError:
     error = exc.response.get("Error", {})
     code = str(error.get("Code", ""))
-    message = str(error.get("Message", "")).strip()
+    message = " ".join(str(error.get("Message", "")).split())[:400]  # one line, bounded
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
     attempts = exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
     left = f" ({ctx.sent} of {ctx.total} sent before)" if ctx.total > 1 else ""
@@ -1378,7 +1378,7 @@ def explain_client_error(exc: Any, ctx: Context, region: str, sender: str) -> Ma
             f"SES rejected the credentials ({code}): check the instance profile", EX_NOPERM
         )
     if code in ("AccessDenied", "AccessDeniedException") or status == 403:
-        match = re.search(r"perform:\s*(\S+)", message)
+        match = re.search(r"perform:\s*([a-z0-9-]+:[A-Za-z0-9*]+)", message)
         action = match.group(1) if match else ctx.action
         return MailerError(
             f"access denied for {action} in {region} (sender {sender}): the instance "
@@ -1545,7 +1545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, KeyboardInterrupt):
             exc = Terminated("SIGINT")
         failure = explain(exc, ctx)
-        log.error("%s", failure.message)
+        log.error("%s", " ".join(failure.message.split()))
         if args.debug:
             log.debug("traceback:\n%s", traceback.format_exc().rstrip())
         return failure.code

@@ -221,6 +221,7 @@ class Reply:
     error: str | None = None
     message: str = ""
     hang: bool = False
+    xml: str | None = None  # a raw XML error body, as moto's IAM enforcement sends for SES v2
 
 
 @dataclass
@@ -301,6 +302,14 @@ class _FaultHandler(BaseHTTPRequestHandler):
             reply = state.script.pop(0) if state.script else state.default
         if reply.hang:
             state.release.wait(60)
+            return
+        if reply.xml is not None:
+            payload = reply.xml.encode()
+            self.send_response(reply.status)
+            self.send_header("Content-Type", "text/xml")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
             return
         if reply.error is None:
             payload = json.dumps({"MessageId": f"fault-{count:04d}"}).encode()

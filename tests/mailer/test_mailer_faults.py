@@ -139,6 +139,26 @@ def test_access_denied_without_action_in_message(
     )
 
 
+def test_access_denied_as_xml_like_moto_iam(tmp_path: Path, home: Path, fault: FaultServer) -> None:
+    """moto with IAM enforcement answers SES v2 denials in XML: the action is still named."""
+    body = (
+        "<ErrorResponse><Errors><Error><Code>AccessDenied</Code><Message>User: "
+        "arn:aws:iam::123456789012:user/u is not authorized to perform: ses:SendEmail"
+        "</Message><Type>Sender</Type></Error></Errors></ErrorResponse>"
+    )
+    fault.then(default=Reply(403, xml=body))
+    path = write_job(tmp_path, job())
+    result = run_mailer(path, "--quiet", env=mailer_env(fault.url, home))
+    assert (result.code, result.lines) == (
+        EX_NOPERM,
+        [
+            "error: access denied for ses:SendEmail in us-east-1 (sender ops@example.com): "
+            "the instance profile's role policy must allow ses:SendEmail"
+        ],
+    )
+    assert len(fault.requests) == 1
+
+
 def test_server_errors_retried_then_sent(tmp_path: Path, home: Path, fault: FaultServer) -> None:
     fault.then(Reply(503, "ServiceUnavailable", "try later"), Reply(500, "InternalFailure", "x"))
     path = write_job(tmp_path, job())
