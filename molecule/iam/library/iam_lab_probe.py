@@ -43,6 +43,7 @@ options:
 
 import json  # noqa: E402
 import urllib.request  # noqa: E402
+from functools import partial  # noqa: E402
 from ipaddress import ip_address  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
@@ -52,8 +53,10 @@ from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 try:
     import boto3
     from botocore.exceptions import ClientError
+
+    HAS_BOTO3 = True
 except ImportError:  # pragma: no cover
-    boto3 = None
+    HAS_BOTO3 = False
 
 
 def _loopback(url: str) -> bool:
@@ -143,16 +146,17 @@ def _enforcement(session: Any, endpoint: str, params: dict[str, Any]) -> dict[st
                 role_iam = boto3.client("iam", **kwargs)
                 results[name] = {
                     "caller": boto3.client("sts", **kwargs).get_caller_identity()["Arn"],
-                    "SendEmail": _status(lambda c=sesv2: c.send_email(
+                    "SendEmail": _status(partial(
+                        sesv2.send_email,
                         FromEmailAddress=params["sender"],
                         Destination={"ToAddresses": ["ops@example.com"]},
                         Content={"Simple": {"Subject": {"Data": "probe"},
                                             "Body": {"Text": {"Data": "probe"}}}})),
                     "DeleteEmailIdentity": _status(
-                        lambda c=sesv2: c.delete_email_identity(EmailIdentity="example.com")),
-                    "DeleteIdentity": _status(
-                        lambda c=ses: c.delete_identity(Identity=params["sender"])),
-                    "ListUsers": _status(lambda c=role_iam: c.list_users()),
+                        partial(sesv2.delete_email_identity, EmailIdentity="example.com")),
+                    "DeleteIdentity": _status(partial(ses.delete_identity,
+                                                      Identity=params["sender"])),
+                    "ListUsers": _status(role_iam.list_users),
                 }
         finally:
             _set_enforcement(endpoint, "inf")
@@ -176,7 +180,7 @@ def main() -> None:
         required_if=[("what", "enforcement", ["role_name", "sender"])],
         supports_check_mode=True,
     )
-    if boto3 is None:
+    if not HAS_BOTO3:
         module.fail_json(msg="boto3 is required")
     endpoint = module.params["endpoint"]
     if not _loopback(endpoint):

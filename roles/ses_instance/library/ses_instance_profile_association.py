@@ -77,6 +77,7 @@ attempts:
 """
 
 import time  # noqa: E402
+from functools import partial  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 try:
@@ -213,18 +214,20 @@ def main() -> None:
             continue
         if existing is None:
             associator.call_with_retry(
-                lambda iid=instance_id: client.associate_iam_instance_profile(
-                    IamInstanceProfile={"Arn": profile_arn}, InstanceId=iid
+                partial(
+                    client.associate_iam_instance_profile,
+                    IamInstanceProfile={"Arn": profile_arn},
+                    InstanceId=instance_id,
                 ),
                 profile_arn,
                 instance_id,
             )
         else:
             associator.call_with_retry(
-                lambda aid=existing["association_id"]: (
-                    client.replace_iam_instance_profile_association(
-                        IamInstanceProfile={"Arn": profile_arn}, AssociationId=aid
-                    )
+                partial(
+                    client.replace_iam_instance_profile_association,
+                    IamInstanceProfile={"Arn": profile_arn},
+                    AssociationId=existing["association_id"],
                 ),
                 profile_arn,
                 instance_id,
