@@ -1545,7 +1545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, KeyboardInterrupt):
             exc = Terminated("SIGINT")
         failure = explain(exc, ctx)
-        log.error("%s", " ".join(failure.message.split()))
+        log.error("%s", re.sub(r"\s*[\r\n]+\s*", " ", failure.message))  # one line
         if args.debug:
             log.debug("traceback:\n%s", traceback.format_exc().rstrip())
         return failure.code
