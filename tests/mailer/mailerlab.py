@@ -221,6 +221,7 @@ class Reply:
     error: str | None = None
     message: str = ""
     hang: bool = False
+    delay: float = 0.0  # seconds before answering
     xml: str | None = None  # a raw XML error body, as moto's IAM enforcement sends for SES v2
 
 
@@ -248,6 +249,8 @@ class FaultState:
     requests: list[Request] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    in_flight: int = 0
+    max_in_flight: int = 0
 
 
 class FaultServer(ThreadingHTTPServer):
@@ -300,6 +303,18 @@ class _FaultHandler(BaseHTTPRequestHandler):
             state.requests.append(Request(time.monotonic(), self.path, body))
             count = len(state.requests)
             reply = state.script.pop(0) if state.script else state.default
+            state.in_flight += 1
+            state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        try:
+            self._answer(reply, count)
+        finally:
+            with state.lock:
+                state.in_flight -= 1
+
+    def _answer(self, reply: Reply, count: int) -> None:
+        state = self.server.state
+        if reply.delay:
+            time.sleep(reply.delay)
         if reply.hang:
             state.release.wait(60)
             return

@@ -252,3 +252,18 @@ def test_ses_unreachable_is_tempfail(tmp_path: Path, home: Path) -> None:
         rf"\"{re.escape(url)}/v2/email/outbound-emails\"",
         result.stderr.strip(),
     )
+
+
+def test_per_recipient_sends_concurrently(tmp_path: Path, home: Path, fault: FaultServer) -> None:
+    """SES answering in 0.4 s: 12 messages at concurrency 4 overlap, never more than 4."""
+    fault.then(default=Reply(delay=0.4))
+    recipients = [f"p{i}@example.com" for i in range(12)]
+    path = write_job(
+        tmp_path, job(to=recipients, per_recipient={"max_rate": 100, "concurrency": 4})
+    )
+    result = run_mailer(path, "--quiet", env=mailer_env(fault.url, home))
+    assert (result.code, result.stderr) == (0, "")
+    assert sorted(r.to[0] for r in fault.requests) == sorted(recipients)
+    assert fault.state.max_in_flight == 4
+    starts = sorted(r.at for r in fault.requests)
+    assert starts[-1] - starts[0] < 12 * 0.4 / 2  # well under the serial time
