@@ -192,8 +192,11 @@ def show_host_side(lab: Mapping[str, Any], state: Path) -> None:
     say(f"  credentials on {host['name']}, as the service user: {ssh(lab, host, key, probe)}")
     keys = ssh(
         lab, host, key,
-        "grep -rlIE 'AKIA[0-9A-Z]{16}|aws_secret_access_key' /etc /root /var/lib /usr/local "
-        "2>/dev/null | head -3; ls /root/.aws 2>/dev/null",
+        # An access key id, or a credentials-file line with a value; Ansible's
+        # own module files (which carry this pattern) are left out.
+        "grep -rlIE --exclude-dir=.ansible '(AKIA|ASIA)[0-9A-Z]{16}|"
+        "^[[:space:]]*aws_(secret_access_key|session_token)[[:space:]]*=[[:space:]]*[^[:space:]]' "
+        "/etc /root /var/lib /usr/local /home 2>/dev/null | head -3; ls /root/.aws 2>/dev/null",
     )  # fmt: skip
     found = keys or "none (no key file, no key in /etc, /root, /var/lib, /usr/local)"
     say(f"  AWS key material on {host['name']}: {found}")

@@ -1087,7 +1087,11 @@ def cmd_env(settings: Settings) -> int:
         "AWS_SECRET_ACCESS_KEY": DUMMY_KEY,
         "AWS_DEFAULT_REGION": lab.region,
         "AWS_EC2_METADATA_DISABLED": "true",
-        "ANSIBLE_INVENTORY": str(Path(lab.state) / "hosts.yml"),
+        # The default lab's inventory is linked beside inventory/lab/group_vars,
+        # so playbooks get the lab's jobs and senders with it.
+        "ANSIBLE_INVENTORY": str(
+            DEFAULT_INVENTORY_LINK if settings.is_default_state else Path(lab.state) / "hosts.yml"
+        ),
         "SES_LAB_STATE": lab.state,
     }
     for name, value in values.items():
