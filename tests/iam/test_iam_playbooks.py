@@ -53,9 +53,15 @@ def outcomes(
         and item.name.removeprefix("test_") in SCENARIOS
     )
 
+    # Made here, one by one: mktemp is not safe from several threads, and
+    # scenario names that share their first characters collided there.
+    work_dirs = {
+        name: tmp_path_factory.mktemp(f"scenario{index:02d}") for index, name in enumerate(wanted)
+    }
+
     def run(name: str) -> None:
         prefix = "t-" + re.sub(r"[^a-z0-9]+", "-", name.lower())[:30].strip("-")
-        with aws_lab(prefix, tmp_path_factory.mktemp(name[:20])) as lab:
+        with aws_lab(prefix, work_dirs[name]) as lab:
             SCENARIOS[name](lab)
 
     workers = max(1, int(os.environ.get("SES_TEST_IAM_WORKERS", "3")))
