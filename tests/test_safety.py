@@ -454,7 +454,7 @@ def test_scan_rule_fires(name: str, line: str, reason: str) -> None:
         ("a.service", "ExecStart=/usr/bin/python3 /opt/x.py --host 127.0.0.9"),
         ("a.txt", "ansible-core==2.19.14 and version 1.2.3.4.5"),
         ("a.py", 'key = "AKIA" + "Z" * 16'),
-        ("a.py", "key = 'AKIAZZZZZZZZZZZZZZZZ'  # placeholder"),
+        ("a.py", "key = '" + "AKIA" + "Z" * 16 + "'  # placeholder"),
         ("a.ini", "path = file:///etc/ssl/certs"),
     ],
 )
